@@ -10,15 +10,20 @@ from __future__ import annotations
 import logging
 import math
 import warnings
+from fractions import Fraction
 from typing import Any, Callable, Dict, Iterable, List, Optional, Tuple
 
 import torch
 from torch import Tensor
+from torch.amp.grad_scaler import OptState
 from torch.optim import Optimizer
 
 from vlorp_lightning.projection import DISTRIBUTIONS, ORIENTATIONS, VLoRPProjector, derive_seed
 
 log = logging.getLogger(__name__)
+
+#: ``observer(name, grad, projector)``: see :meth:`ProjectedOptimizer.add_grad_observer`.
+GradObserver = Callable[[str, Tensor, VLoRPProjector], None]
 
 #: Group keys that configure the projection of a group's parameters.
 PROJECTION_KEYS: Tuple[str, ...] = ("granularity", "rank", "update_proj_gap", "scale", "distribution", "orientation")
@@ -122,6 +127,7 @@ class ProjectedOptimizer(Optimizer):
         self._updated_in_backward: set = set()
         self._warned_nonfinite = False
         self._hooks: List[Any] = []
+        self._grad_observers: List[GradObserver] = []
         if self.compress_gradients or self.update_in_backward:
             self.attach_hooks()
 
@@ -217,11 +223,32 @@ class ProjectedOptimizer(Optimizer):
 
         return hook
 
+    def add_grad_observer(self, observer: "GradObserver") -> Callable[[], None]:
+        """Call ``observer(name, grad, projector)`` with each projected parameter's full micro-batch
+        gradient inside the hook, before it is projected and freed.
+
+        Diagnostics (such as the projection-error callback) use this to see true gradients
+        that compressed accumulation never keeps. The observer runs under ``torch.no_grad``
+        and must not modify ``grad``. Returns a function that removes the observer.
+        """
+        self._grad_observers.append(observer)
+
+        def remove() -> None:
+            if observer in self._grad_observers:
+                self._grad_observers.remove(observer)
+
+        return remove
+
     @torch.no_grad()
     def _on_grad_ready(self, param: Tensor, group: Dict[str, Any]) -> None:
         if param.grad is None:
             return
         projected = param in self._projectors
+        if projected and self._grad_observers:
+            if self.compress_gradients:
+                self._prepare_window(param, param.grad)
+            for observer in list(self._grad_observers):
+                observer(self._names[param], param.grad, self._projectors[param])
         if projected and self.compress_gradients:
             self._accumulate(param, param.grad)
             param.grad = None
@@ -365,7 +392,12 @@ class ProjectedOptimizer(Optimizer):
                 "global gradient clipping is unavailable with update_in_backward=True because each parameter "
                 "is updated before the other gradients exist; disable clipping or use update_in_backward=False"
             )
-        grads = [grad for _, _, grad in self._step_gradients()]
+        # Without compressed accumulation the projection of p.grad is a temporary tensor, so
+        # p.grad itself is scaled (the projection is linear).
+        grads = [
+            param.grad if param in self._projectors and not self.compress_gradients else grad
+            for param, _, grad in self._step_gradients()
+        ]
         total = self.grad_norm()
         self.last_grad_norm = float(total)
         self._norm_from_clip = True
@@ -420,7 +452,9 @@ class ProjectedOptimizer(Optimizer):
         # NOTE: reads GradScaler's per-optimizer record, a private structure that has been
         # stable from torch 1.6 to 2.13; checked by the fp16 tests.
         record = grad_scaler._per_optimizer_states[id(self)]
-        if not record["found_inf_per_device"]:
+        # The stage, not found_inf_per_device, tells whether unscale_ ran: that record stays
+        # empty after unscale_ when no parameter has a p.grad (all projected and compressed).
+        if record["stage"] is not OptState.UNSCALED:
             grad_scaler.unscale_(self)
         # Dense gradients were unscaled above; after an all-reduce they may hold another
         # rank's overflow, so they are checked again for a decision shared by every rank.
@@ -597,6 +631,10 @@ class ProjectedOptimizer(Optimizer):
         ``torch.load(..., weights_only=True)``.
         """
         result = super().state_dict()
+        for group in result["param_groups"]:
+            # A Fraction granularity would make weights_only loading fail; "1/4" parses back.
+            if isinstance(group.get("granularity"), Fraction):
+                group["granularity"] = str(group["granularity"])
         result["vlorp"] = {
             "global_step": self.global_step,
             "skipped_steps": self.skipped_steps,
