@@ -335,7 +335,10 @@ class VLoRPProjector:
         """Compute the SVD basis from a gradient of shape ``(n, m)`` without advancing the count."""
         self._check_shape(grad, self.shape, "gradient")
         unfolded = grad.detach().reshape(self._reshaped).to(torch.float32)
-        u, _, vh = torch.linalg.svd(unfolded, full_matrices=False)
+        # A rank above the smaller side of the reshaped gradient needs the full factors: the
+        # extra singular vectors (singular value 0) complete the basis to r columns.
+        full = self.rank > min(unfolded.shape)
+        u, _, vh = torch.linalg.svd(unfolded, full_matrices=full)
         if self.orientation == "right":
             basis = vh[: self.rank].T
         else:

@@ -9,7 +9,7 @@ exist to reproduce the paper's comparisons against :class:`~vlorp_lightning.Proj
 from __future__ import annotations
 
 import math
-from typing import Any, Dict, Iterable, Literal, Tuple
+from typing import Any, Dict, Iterable, Literal, Optional, Tuple
 
 import torch
 from torch import Tensor
@@ -98,6 +98,13 @@ class VLoRPAdam(ProjectedOptimizer):
         state["exp_avg"] = torch.zeros(shape, dtype=dtype, device=param.device)
         state["exp_avg_sq"] = torch.zeros(shape, dtype=dtype, device=param.device)
 
+    def _momentum_to_transfer(self, param: Tensor) -> Optional[Tensor]:
+        # The os first moment lives in the original space, so a refresh leaves it as is, even
+        # at full rank with c = 1, where its shape equals the subspace shape.
+        if self.scheme == "os":
+            return None
+        return super()._momentum_to_transfer(param)
+
     def _projected_update(
         self, param: Tensor, grad: Tensor, state: Dict[str, Any], group: Dict[str, Any], projector: VLoRPProjector
     ) -> None:
@@ -109,7 +116,8 @@ class VLoRPAdam(ProjectedOptimizer):
         source = source.to(exp_avg.dtype)
         exp_avg.lerp_(source, 1 - beta1)
         exp_avg_sq.mul_(beta2).addcmul_(source, source, value=1 - beta2)
-        normalized = exp_avg.float() / (exp_avg_sq.float().sqrt_().add_(eps))
+        # Out-of-place sqrt: for float32 state, .float() returns exp_avg_sq itself.
+        normalized = exp_avg.float() / (exp_avg_sq.float().sqrt().add_(eps))
         direction = normalized if self.scheme == "os" else projector.project_back(normalized)
         step_size = lr * math.sqrt(1 - beta2**step) / (1 - beta1**step)
         if weight_decay:
