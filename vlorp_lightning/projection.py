@@ -332,8 +332,20 @@ class VLoRPProjector:
         self._cache = None
 
     def set_basis_from(self, grad: torch.Tensor) -> None:
-        """Compute the SVD basis from a gradient of shape ``(n, m)`` without advancing the count."""
+        """Compute the SVD basis from a gradient of shape ``(n, m)`` without advancing the count.
+
+        A gradient with NaN or Inf has no SVD: the current basis is kept, or, when there is
+        none yet, an orthonormal basis drawn from the seed (without the ``sqrt(d/r)`` factor)
+        stands in.
+        """
         self._check_shape(grad, self.shape, "gradient")
+        if not torch.isfinite(grad).all():
+            if self._basis is None:
+                generator = torch.Generator(device="cpu")
+                generator.manual_seed(derive_seed(self.seed, self.refresh_count))
+                gaussian = torch.randn(self.unit_length, self.rank, generator=generator, dtype=torch.float64)
+                self._basis = torch.linalg.qr(gaussian)[0].to(torch.float32).contiguous()
+            return
         unfolded = grad.detach().reshape(self._reshaped).to(torch.float32)
         # A rank above the smaller side of the reshaped gradient needs the full factors: the
         # extra singular vectors (singular value 0) complete the basis to r columns.

@@ -252,15 +252,7 @@ def test_nonfinite_step_skipped(bad):
         ("weight", "normal"),
         ("bias", "normal"),
         ("bias", "svd"),
-        pytest.param(
-            "weight",
-            "svd",
-            marks=pytest.mark.xfail(
-                strict=True,
-                raises=RuntimeError,
-                reason="known core bug: an SVD refresh on a non-finite gradient raises LinAlgError inside backward",
-            ),
-        ),
+        pytest.param("weight", "svd"),
     ],
 )
 def test_nonfinite_skip_at_refresh(bad, distribution):
