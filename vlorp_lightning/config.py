@@ -1,4 +1,8 @@
-"""Typed optimizer settings of :class:`~vlorp_lightning.VLoRPMixin`, readable by LightningCLI."""
+"""Typed optimizer settings of :class:`~vlorp_lightning.VLoRPMixin`, readable by LightningCLI.
+
+"The paper" below is Wang et al., "Memory-Efficient LLM Training by Various-Grained Low-Rank
+Projection of Gradients", ICML 2025, arXiv:2505.01744.
+"""
 
 from __future__ import annotations
 
@@ -125,7 +129,7 @@ class VLoRPConfig:
             raise ValueError("invalid VLoRPConfig: " + "; ".join(problems))
 
     def resolved_rank(self) -> int:
-        """The rank ``r``: ``budget / granularity`` when a budget is set, else ``rank``.
+        """Return the rank ``r``: ``budget / granularity`` when a budget is set, else ``rank``.
 
         Raises:
             ValueError: when the budget is not a positive multiple of the granularity.

@@ -1,6 +1,6 @@
 """Lightning glue: a mixin that gives a LightningModule VLoRP optimizers.
 
-This module holds no optimizer math; it wires :mod:`vlorp_lightning.optim` into
+This module contains no optimizer math. It wires :mod:`vlorp_lightning.optim` into
 Lightning's hooks (accumulation boundaries, clipping, loss scaling, DDP, logging).
 """
 

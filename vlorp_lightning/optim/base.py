@@ -61,9 +61,10 @@ def _check_projection_group(group: Dict[str, Any]) -> None:
 class ProjectedOptimizer(Optimizer):
     """Base class of optimizers that update some parameters from projected gradients.
 
-    A parameter group is *projected* when its ``rank`` is not ``None``; each of its
-    parameters must be 2-D and gets a :class:`~vlorp_lightning.VLoRPProjector` whose seed
-    is ``derive_seed(seed, index)`` with ``index`` the parameter's position over all groups.
+    A parameter group is *projected* when its ``rank`` is not ``None``. Each of its
+    parameters must be 2-D and gets a :class:`~vlorp_lightning.VLoRPProjector`. The seed of
+    that projector is ``derive_seed(seed, index)``, where ``index`` is the parameter's
+    position over all groups.
     Other groups are *dense* and follow the subclass's dense rule (AdamW for ProjFactor).
 
     Subclasses implement :meth:`_init_projected_state`, :meth:`_projected_update`,
@@ -184,11 +185,11 @@ class ProjectedOptimizer(Optimizer):
             ) from None
 
     def is_projected(self, param: Tensor) -> bool:
-        """Whether ``param`` is updated from projected gradients."""
+        """Return whether ``param`` is updated from projected gradients."""
         return param in self._projectors
 
     def param_name(self, param: Tensor) -> str:
-        """The name given to ``param`` in its group's ``names`` (or a positional name)."""
+        """Return the name of ``param`` from its group's ``names`` (or a positional name)."""
         return self._names[param]
 
     def named_projected_parameters(self) -> List[Tuple[str, Tensor]]:
@@ -291,7 +292,7 @@ class ProjectedOptimizer(Optimizer):
                 raise AssertionError("an SVD refresh needs a gradient")
             if not torch.isfinite(grad).all():
                 # This window will be skipped, so the refresh waits for the next finite
-                # gradient. A first basis is still needed to project, so a random one stands in.
+                # gradient. A first basis is still needed to project, so a random one is used until then.
                 if first_basis:
                     projector.set_basis_from(grad)
                 return
@@ -339,7 +340,7 @@ class ProjectedOptimizer(Optimizer):
 
     # ------------------------------------------------------------------ gradients
     def _subspace_grad(self, param: Tensor) -> Optional[Tensor]:
-        """The projected gradient of a projected parameter for this step, or ``None``."""
+        """Return the projected gradient of a projected parameter for this step, or ``None``."""
         state = self.state[param]
         if self.compress_gradients:
             if state.get("accumulated") is None or not int(state["accumulated"]):

@@ -1,4 +1,8 @@
-"""ProjFactor: Adam-like updates from VLoRP-projected gradients with a factored second moment."""
+"""ProjFactor: Adam-like updates from VLoRP-projected gradients with a factored second moment.
+
+Source ("the paper" below): Wang et al., "Memory-Efficient LLM Training by Various-Grained
+Low-Rank Projection of Gradients", ICML 2025, arXiv:2505.01744, and its reference code.
+"""
 
 from __future__ import annotations
 

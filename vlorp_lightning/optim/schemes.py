@@ -3,7 +3,9 @@
 ``VLoRPAdam(scheme="os")`` keeps full-size Adam moments of the back-projected gradient
 ("original space"), ``VLoRPAdam(scheme="ss")`` keeps Adam moments inside the subspace
 ("subspace"), and :class:`VLoRPSGD` applies the back-projected (momentum) gradient. They
-exist to reproduce the paper's comparisons against :class:`~vlorp_lightning.ProjFactor`.
+exist to reproduce the comparisons against :class:`~vlorp_lightning.ProjFactor` in Wang et
+al., "Memory-Efficient LLM Training by Various-Grained Low-Rank Projection of Gradients",
+ICML 2025, arXiv:2505.01744.
 """
 
 from __future__ import annotations
