@@ -5,6 +5,7 @@ Usage::
     vlorp-lightning fit --config configs/quickstart.yaml
     vlorp-lightning fit --config configs/gsm8k.yaml --trainer.max_steps 100
     vlorp-lightning fit --print_config
+    vlorp-lightning plan --model-config configs/models/llama2-7b.json --granularity 256 --rank 1
 
 Model, datamodule and callbacks are chosen by class path in the YAML file. With
 ``--evaluate_before_fit true`` the test split is scored before training, and with
@@ -15,6 +16,7 @@ optimizer memory against AdamW and the training throughput.
 from __future__ import annotations
 
 import logging
+import sys
 import time
 from typing import Any, Dict, List, Optional
 
@@ -167,7 +169,16 @@ def _configure_logging() -> None:
 
 
 def main(args: Optional[List[str]] = None) -> None:
-    """Run the ``vlorp-lightning`` command (``fit``, ``validate``, ``test``, ``predict``)."""
+    """Run the ``vlorp-lightning`` command: ``fit``, ``validate``, ``test``, ``predict`` or ``plan``.
+
+    ``plan`` prints a memory plan from a model config without loading weights (see
+    :mod:`vlorp_lightning.planning`); the other subcommands are LightningCLI's.
+    """
+    argv = sys.argv[1:] if args is None else list(args)
+    if argv[:1] == ["plan"]:
+        from vlorp_lightning.planning import main as plan_main
+
+        sys.exit(plan_main(argv[1:]))
     _configure_logging()
     VLoRPLightningCLI(
         L.LightningModule,
