@@ -186,9 +186,17 @@ def main(args: Optional[List[str]] = None) -> None:
         subclass_mode_model=True,
         subclass_mode_data=True,
         save_config_kwargs={"overwrite": True},
+        parser_kwargs={"description": _DESCRIPTION},
         args=args,
         auto_configure_optimizers=False,
     )
+
+
+_DESCRIPTION = (
+    "Fine-tune LLMs with VLoRP gradient projection and ProjFactor (LightningCLI subcommands fit, validate, "
+    "test, predict). 'vlorp-lightning plan --model-config CONFIG.json' predicts training memory per method "
+    "without loading weights; run 'vlorp-lightning plan --help' for its options."
+)
 
 
 if __name__ == "__main__":
