@@ -9,8 +9,9 @@ from __future__ import annotations
 
 import argparse
 import itertools
+import json
 import time
-from typing import Any, Callable, Dict
+from typing import Any, Callable, Dict, List, Optional
 
 import torch
 
@@ -146,3 +147,83 @@ def evaluate(model: torch.nn.Module, tokenizer: Any, datamodule: GSM8KDataModule
             break
     model.train()
     return loss_sum / max(tokens, 1), correct, answered
+
+
+# ---------------------------------------------------------------------------- run cache
+FINGERPRINT_FIELDS = (
+    "model", "steps", "batch_size", "max_length", "eval_rows", "accuracy_rows", "max_new_tokens", "lr",
+    "update_proj_gap", "quick",
+)  # fmt: skip
+
+
+def fingerprint(args: argparse.Namespace, variant: str) -> str:
+    """Identify a fine-tune by its settings and variant, so that a cached result is reused only when all match.
+
+    ``variant`` names the optimizer and its projection settings, for example
+    ``"projfactor c=16 r=2"``; two scripts that run the same variant with the same settings
+    share results.
+    """
+    from pathlib import Path
+
+    values = {name: getattr(args, name) for name in FINGERPRINT_FIELDS}
+    values["data_dir"] = str(Path(args.data_dir).resolve())
+    values["variant"] = variant
+    return json.dumps(values, sort_keys=True)
+
+
+class RunCache:
+    """Results of finished fine-tunes, one JSON line each, so that an interrupted script resumes.
+
+    Each line contains ``key`` (from :func:`fingerprint`), ``seed`` and ``result``. Lines are
+    appended and flushed as runs finish.
+    """
+
+    def __init__(self, path: Any) -> None:
+        from pathlib import Path
+
+        self.path = Path(path)
+        self._results: Dict[tuple, Dict[str, Any]] = {}
+        if self.path.is_file():
+            for number, line in enumerate(self.path.read_text(encoding="utf-8").splitlines(), start=1):
+                if not line.strip():
+                    continue
+                try:
+                    record = json.loads(line)
+                    self._results[(record["key"], int(record["seed"]))] = record["result"]
+                except (json.JSONDecodeError, KeyError, TypeError, ValueError):
+                    raise ValueError(f"{self.path}:{number}: not a run-cache record; delete the file to start over") from None
+
+    def get(self, key: str, seed: int) -> Optional[Dict[str, Any]]:
+        """Return the cached result of ``(key, seed)``, or None."""
+        return self._results.get((key, seed))
+
+    def put(self, key: str, seed: int, result: Dict[str, Any]) -> None:
+        """Store a result in memory and append it to the file."""
+        self._results[(key, seed)] = result
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        with self.path.open("a", encoding="utf-8") as handle:
+            handle.write(json.dumps({"key": key, "seed": seed, "result": result}) + "\n")
+
+
+def run_isolated(script: str, argv: List[str], label: str, seed: int) -> Dict[str, Any]:
+    """Run one fine-tune of ``script`` in a fresh Python process and return its result.
+
+    A process per run returns all of a run's memory to the system when it ends. One process
+    for many runs can grow until the system kills it.
+
+    Raises:
+        RuntimeError: if the worker fails, with the end of its error output.
+    """
+    import subprocess
+    import sys
+    import tempfile
+    from pathlib import Path
+
+    with tempfile.TemporaryDirectory() as folder:
+        output = Path(folder) / "result.json"
+        command = [sys.executable, script, *argv, "--worker-label", label, "--worker-seed", str(seed), "--worker-output", str(output)]
+        process = subprocess.run(command, capture_output=True, text=True, check=False)
+        if process.returncode != 0 or not output.is_file():
+            tail = "\n".join(process.stderr.strip().splitlines()[-5:])
+            raise RuntimeError(f"run {label!r} seed {seed} failed with exit code {process.returncode}:\n{tail}")
+        return json.loads(output.read_text(encoding="utf-8"))

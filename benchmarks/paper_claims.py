@@ -27,6 +27,7 @@ Usage::
 from __future__ import annotations
 
 import argparse
+import json
 import math
 import os
 import statistics
@@ -34,14 +35,21 @@ import sys
 import time
 from fractions import Fraction
 from pathlib import Path
-from typing import Any, Callable, Dict, List, Sequence
+from typing import Any, Callable, Dict, List, Sequence, Tuple
 
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from _common import REPO, add_output_arguments, command_line, header_lines, load_model, machine, markdown_table, replace_section, write_json  # noqa: E402
-from finetune import add_finetune_arguments, check_finetune_arguments, finetune_and_score  # noqa: E402
+from finetune import (  # noqa: E402
+    RunCache,
+    add_finetune_arguments,
+    check_finetune_arguments,
+    finetune_and_score,
+    fingerprint,
+    run_isolated,
+)
 from methods import Method  # noqa: E402
 
 from vlorp_lightning import ProjFactor, VLoRPAdam, VLoRPProjector, derive_seed, parse_granularity, select_targets  # noqa: E402
@@ -66,6 +74,14 @@ def parse_args(argv: List[str]) -> argparse.Namespace:
     parser.add_argument("--micro-batches", type=int, default=8, help="micro-batches of claim d; default 8")
     add_output_arguments(parser, REPO / "docs" / "paper-claims.md", "claims section (and plots)")
     parser.add_argument("--figures", default=str(REPO / "docs" / "figures"), help="folder of the PNG plots")
+    parser.add_argument(
+        "--cache",
+        default=str(REPO / "outputs" / "benchmarks" / "finetune_runs.jsonl"),
+        help="file of finished runs; a rerun with the same settings reuses them (delete it to start over)",
+    )
+    parser.add_argument("--worker-label", default=None, help=argparse.SUPPRESS)
+    parser.add_argument("--worker-seed", type=int, default=None, help=argparse.SUPPRESS)
+    parser.add_argument("--worker-output", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
 
     check_finetune_arguments(parser, args)
@@ -120,22 +136,33 @@ def adamw(args: argparse.Namespace) -> Callable[[torch.nn.Module, int], Method]:
     return build
 
 
-def variants(args: argparse.Namespace) -> Dict[str, Callable[[torch.nn.Module, int], Method]]:
-    """Return the fine-tunes that the selected claims need, by label, each shared run once."""
-    runs: Dict[str, Callable] = {}
+def variants(args: argparse.Namespace) -> Dict[str, Tuple[str, Callable[[torch.nn.Module, int], Method]]]:
+    """Return the fine-tunes that the selected claims need: label to (variant key, builder), each once.
+
+    The variant key names the optimizer and its settings as :func:`finetune.fingerprint`
+    expects, so ``projfactor c=16 r=2`` and ``adamw`` runs are shared with ``quality.py``.
+    """
+    runs: Dict[str, Tuple[str, Callable]] = {}
+
+    def add_projfactor(level: str, momentum_transfer: bool = False) -> None:
+        key = f"projfactor c={level} r={rank_for(args, level)}" + (" momentum-transfer" if momentum_transfer else "")
+        label = f"c={level}" + (", momentum transfer" if momentum_transfer else "")
+        runs[label] = (key, projfactor(args, level, momentum_transfer))
+
     if "a" in args.claims:
         for level in args.levels:
-            runs[f"c={level}"] = projfactor(args, level)
+            add_projfactor(level)
     if {"b", "c", "e"} & set(args.claims):
-        runs[f"c={args.granularity}"] = projfactor(args, args.granularity)
+        add_projfactor(args.granularity)
+    granularity_rank = f"c={args.granularity} r={rank_for(args, args.granularity)}"
     if {"b", "c"} & set(args.claims):
-        runs["os"] = scheme(args, "os")
+        runs["os"] = (f"os {granularity_rank}", scheme(args, "os"))
     if "b" in args.claims:
-        runs["adamw"] = adamw(args)
+        runs["adamw"] = ("adamw", adamw(args))
     if "c" in args.claims:
-        runs["ss"] = scheme(args, "ss")
+        runs["ss"] = (f"ss {granularity_rank}", scheme(args, "ss"))
     if "e" in args.claims:
-        runs[f"c={args.granularity}, momentum transfer"] = projfactor(args, args.granularity, momentum_transfer=True)
+        add_projfactor(args.granularity, momentum_transfer=True)
     return runs
 
 
@@ -367,15 +394,29 @@ def report(args: argparse.Namespace, runs: Dict[str, List[Dict[str, Any]]], wind
 def main(argv: List[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     args = parse_args(argv)
+    if args.worker_label is not None:
+        _, build = variants(args)[args.worker_label]
+        result = finetune_and_score(build, args.worker_seed, args, load_tokenizer(args.model))
+        Path(args.worker_output).write_text(json.dumps(result), encoding="utf-8")
+        return 0
+
     info = machine()
-    tokenizer = load_tokenizer(args.model)
+    cache = RunCache(args.cache)
     runs: Dict[str, List[Dict[str, Any]]] = {}
-    for label, build in variants(args).items():
+    for label, (key, _) in variants(args).items():
         for seed in args.seeds:
             started = time.perf_counter()
-            result = finetune_and_score(build, seed, args, tokenizer)
+            result = cache.get(fingerprint(args, key), seed)
+            if result is None:
+                result = run_isolated(str(Path(__file__).resolve()), argv, label, seed)
+                cache.put(fingerprint(args, key), seed, result)
+                source = f"{time.perf_counter() - started:.0f} s"
+            else:
+                source = f"cached in {args.cache}"
             runs.setdefault(label, []).append({"seed": seed, **result})
-            print(f"{label} seed {seed}: eval loss {result['eval_loss']:.4f}, {time.perf_counter() - started:.0f} s", file=sys.stderr)
+            print(f"{label} seed {seed}: eval loss {result['eval_loss']:.4f}, {source}", file=sys.stderr)
+
+    tokenizer = load_tokenizer(args.model)
     window: Dict[str, List[Dict[str, float]]] = {}
     if "d" in args.claims:
         for seed in args.seeds:

@@ -170,7 +170,7 @@ def test_paper_claims_quick(tmp_path, data_shared_dir):
     figures = tmp_path / "figures"
     arguments = [
         "--quick", "--data-dir", str(data_shared_dir / "gsm8k"), "--claims", "a", "d", "e",
-        "--levels", "1", "16", "--docs", str(page), "--figures", str(figures),
+        "--levels", "1", "16", "--docs", str(page), "--figures", str(figures), "--cache", str(tmp_path / "runs.jsonl"),
     ]  # fmt: skip
     result = run_script(str(BENCHMARKS / "paper_claims.py"), *arguments)
     assert result.returncode == 0, result.stderr
@@ -180,6 +180,10 @@ def test_paper_claims_quick(tmp_path, data_shared_dir):
     assert "| redrawn, subspace sum |" in text
     assert "### (e) Momentum transfer on refresh" in text
     assert sorted(p.name for p in figures.iterdir()) == ["claim_a_granularity.png", "claim_d_window.png", "claims_bce_training_loss.png"]
+    # A second run with the same settings takes every fine-tune from the cache.
+    again = run_script(str(BENCHMARKS / "paper_claims.py"), *arguments)
+    assert again.returncode == 0, again.stderr
+    assert again.stderr.count("cached in") == 3
 
 
 def test_paper_claims_rejects_budget_mismatch(data_shared_dir):
