@@ -273,7 +273,7 @@ def verdict(runs: Dict[str, List[Dict[str, Any]]], better: str, worse: str) -> s
     spreads = [statistics.stdev(r["eval_loss"] for r in runs[label]) for label in (better, worse) if len(runs[label]) > 1]
     noise = max(spreads) if spreads else 0.0
     if abs(difference) <= noise:
-        return f"within seed noise (difference {difference:+.4f}, seed sd up to {noise:.4f})"
+        return f"is within seed noise (difference {difference:+.4f}, seed sd up to {noise:.4f})"
     if difference > 0:
         return f"agrees with the paper (difference {difference:+.4f}, seed sd up to {noise:.4f})"
     return f"disagrees with the paper (difference {difference:+.4f}, seed sd up to {noise:.4f})"
