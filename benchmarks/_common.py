@@ -162,8 +162,24 @@ def add_output_arguments(parser: Any, page: Path, what: str) -> None:
     """Add ``--quick``, ``--json``, ``--docs`` and ``--no-docs``; ``what`` names the section written."""
     parser.add_argument("--quick", action="store_true", help="tiny random Llama and the smallest sizes: a seconds-long check")
     parser.add_argument("--json", default=None, help="also write the raw results to this JSON file")
-    parser.add_argument("--docs", default=str(page), help=f"page whose {what} is replaced; default {page.relative_to(REPO)}")
+    parser.add_argument(
+        "--docs",
+        default=None,
+        help=f"page whose {what} is replaced; default {page.relative_to(REPO)}, or none with --quick",
+    )
     parser.add_argument("--no-docs", action="store_true", help="print the results without writing the docs page")
+    parser.set_defaults(default_docs=str(page))
+
+
+def resolve_output_arguments(args: Any) -> None:
+    """Fill ``args.docs`` after parsing: a ``--quick`` run writes a page only when ``--docs`` names one.
+
+    Tiny-model numbers must never replace the measured tables of the real page.
+    """
+    if args.docs is None:
+        if args.quick:
+            args.no_docs = True
+        args.docs = args.default_docs
 
 
 def peak_rss_reset() -> bool:

@@ -44,6 +44,7 @@ from _common import (  # noqa: E402
     peak_rss_bytes,
     peak_rss_reset,
     replace_section,
+    resolve_output_arguments,
     spread,
     summarize,
     write_json,
@@ -77,6 +78,7 @@ def parse_args(argv: List[str]) -> argparse.Namespace:
     parser.add_argument("--section", default="memory-speed", help="marker name of the docs section to replace; default memory-speed")
     parser.add_argument("--worker", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
+    resolve_output_arguments(args)
     for name in ("batch_size", "seq_len", "steps", "granularity", "rank", "update_proj_gap"):
         if getattr(args, name) < 1:
             parser.error(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")

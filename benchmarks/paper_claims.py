@@ -41,7 +41,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from _common import REPO, add_output_arguments, command_line, header_lines, load_model, machine, markdown_table, replace_section, write_json  # noqa: E402
+from _common import REPO, add_output_arguments, command_line, resolve_output_arguments, header_lines, load_model, machine, markdown_table, replace_section, write_json  # noqa: E402
 from finetune import (  # noqa: E402
     RunCache,
     add_finetune_arguments,
@@ -85,6 +85,7 @@ def parse_args(argv: List[str]) -> argparse.Namespace:
     args = parser.parse_args(argv)
 
     check_finetune_arguments(parser, args)
+    resolve_output_arguments(args)
     for name in ("budget", "update_proj_gap", "micro_batches"):
         if getattr(args, name) < 1:
             parser.error(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")

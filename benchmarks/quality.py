@@ -29,7 +29,7 @@ from typing import Any, Dict, List
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from _common import REPO, add_output_arguments, command_line, header_lines, machine, markdown_table, replace_section, write_json  # noqa: E402
+from _common import REPO, add_output_arguments, command_line, resolve_output_arguments, header_lines, machine, markdown_table, replace_section, write_json  # noqa: E402
 from finetune import add_finetune_arguments, check_finetune_arguments, finetune_and_score  # noqa: E402
 from methods import METHODS, MethodUnavailable, Settings, build_method  # noqa: E402
 
@@ -49,6 +49,7 @@ def parse_args(argv: List[str]) -> argparse.Namespace:
     add_output_arguments(parser, REPO / "docs" / "benchmarks.md", "quality section")
     args = parser.parse_args(argv)
     check_finetune_arguments(parser, args)
+    resolve_output_arguments(args)
     for name in ("granularity", "rank", "update_proj_gap"):
         if getattr(args, name) < 1:
             parser.error(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
